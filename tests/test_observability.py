@@ -27,7 +27,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_batches_fill_from_many_small_jobs_and_metrics_report_it(redis_server, tmp_path):
-    server = ModelServer("--fixed-ms", "100", "--per-tile-ms", "5", "--max-batch-size", "16")
+    server = ModelServer("--fixed-ms", "150", "--per-tile-ms", "5", "--max-batch-size", "16")
     server.start()
     bucket = tmp_path / "bucket"
     storage = open_storage(f"file://{bucket}")
@@ -35,7 +35,7 @@ def test_batches_fill_from_many_small_jobs_and_metrics_report_it(redis_server, t
     image, _ = make_cells((256, 256), n_cells=15, seed=1)
     data = tiff_bytes(image)
     keys = [submit_job(client, storage, "segmentation", data, f"small{i}.tif")
-            for i in range(160)]
+            for i in range(320)]
     port = free_port()
     worker = Worker(redis_server, server, bucket, tmp_path / "worker.log", MAX_BATCH="16",
                     INFLIGHT="2", BATCH_TIMEOUT_MS="50", METRICS_PORT=str(port))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
+    from kiosk_pipeline.pipeline.inference import InferenceStats
     from kiosk_pipeline.pipeline.supervisor import Supervisor
 
 
@@ -80,13 +81,15 @@ class PipelineMetrics:
         self._jobs.labels(outcome).inc()
         self._latency.observe(latency)
 
+    def inference_reported(self, stats: InferenceStats) -> None:
+        self._tiles.set(stats.tiles)
+        if stats.requests:
+            self._fill.set(stats.fill_sum / stats.requests)
+
     def sample(self, supervisor: Supervisor) -> None:
         stats = supervisor.inference_stats
         self._in_flight.set(len(supervisor.ledger))
         self._queued.labels("fetch").set(len(supervisor.fetch_queue))
         self._queued.labels("post").set(len(supervisor.post_queue))
-        self._tiles.set(stats.tiles)
-        if stats.requests:
-            self._fill.set(stats.fill_sum / stats.requests)
         self.timeline.append(Sample(time.perf_counter(), dict(self.busy_seconds), stats.tiles,
                                     stats.requests, stats.busy_seconds, len(supervisor.ledger)))
