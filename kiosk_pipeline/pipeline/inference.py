@@ -68,6 +68,7 @@ class InferenceStats:
     fill_sum: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     batch_limit: int = 0
+    answered_batch: int = 0
 
 
 class InferenceLoop:
@@ -154,6 +155,9 @@ class InferenceLoop:
         except PredictError as error:
             self._request_failed(request, live, error)
             return
+        if len(request.refs) > self.stats.answered_batch:
+            self.stats.answered_batch = len(request.refs)
+            self._send_stats()
         names = sorted(outputs)
         for slot, (job_key, unit_index, tile) in enumerate(request.refs):
             job = self.jobs.get(job_key)
@@ -174,6 +178,7 @@ class InferenceLoop:
         if limit and int(limit.group(1)) < len(request.refs):
             self.batcher.set_limit(request.model, int(limit.group(1)))
             self.batcher.requeue(request.model, live, time.perf_counter())
+            self._send_stats()
             log.warning("model server accepts at most %s tiles per request; batching fewer",
                         limit.group(1))
             return
@@ -212,6 +217,11 @@ class InferenceLoop:
                 self._dispatch()
         self.link.send("stats", self.stats)
 
+    def _send_stats(self) -> None:
+        self._account_busy()
+        self.stats.batch_limit = self.batcher.smallest_limit()
+        self.link.send("stats", self.stats)
+
     def _handle(self, event: tuple) -> None:
         kind = event[0]
         if kind == "response":
@@ -224,9 +234,7 @@ class InferenceLoop:
                 job.failed = True
                 self.batcher.drop(event[1])
         elif kind == "stats":
-            self._account_busy()
-            self.stats.batch_limit = self.batcher.smallest_limit()
-            self.link.send("stats", self.stats)
+            self._send_stats()
         elif kind == "stop":
             self.stopping = True
 

@@ -225,12 +225,15 @@ class Supervisor:
 
     # --- intake ---
     def _intake(self) -> None:
+        """One claim per opening of the gate: the supervisor reopens it once it has counted
+        the job, so a burst of claims cannot outrun its accounting."""
         timeout = min(self.settings.empty_queue_timeout, 1.0)
         while not self.stopping.is_set():
             if not self.gate.wait(timeout=0.5):
                 continue
             job = self.services.jobs.claim(timeout=timeout)
             if job is not None:
+                self.gate.clear()
                 self._intake_writer.send(job)
 
     def _reconcile(self) -> None:
@@ -262,11 +265,18 @@ class Supervisor:
     def _update_gate(self) -> None:
         """Claim only what the stages can use now: a job claimed early just waits (and holds
         memory) here instead of in Redis, where another pod could take it. The batcher needs
-        its requests in flight plus two full batches waiting to keep the server busy."""
+        its requests in flight plus two full batches waiting to keep the server busy.
+
+        TF_MAX_BATCH_SIZE may overstate what the server accepts (the Kiosk's default 64 against
+        its server's 32), so a batch counts only as large as the server has answered so far,
+        starting from one full batch in all (a slow start): claiming for batches the server
+        will reject would only hold memory."""
         s = self.settings
+        stats = self.inference_stats
         inference_tiles = sum(e.plan.tiles for e in self.ledger.values()
                               if e.state == "inference" and e.plan is not None)
-        batch = self.inference_stats.batch_limit or s.max_batch
+        limit = stats.batch_limit or s.max_batch
+        batch = min(limit, max(stats.answered_batch, -(-limit // (s.inflight + 2))))
         room = (len(self.ledger) < s.max_jobs_in_flight
                 and len(self.fetch_queue) < len(self._idle("fetch"))
                 and not self.waiters
@@ -343,6 +353,7 @@ class Supervisor:
             return
         if kind == "stats":
             self.inference_stats = message[1]
+            self.metrics.inference_reported(message[1])
             return
         key, result, busy = message[1], message[2], message[3]
         proc.holding.discard(key)
