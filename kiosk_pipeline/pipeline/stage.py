@@ -19,6 +19,7 @@ from kiosk_pipeline.workflows.base import JobError
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+M_ARENA_MAX = -8
 log = logging.getLogger(__name__)
 
 
@@ -36,13 +37,17 @@ def start_child(name: str, settings: Settings) -> None:
 
     The process is named `kp-{stage}` (as `ps -o comm` shows it) so operators and the fault
     tests can tell the stages apart.
+
+    All threads share one malloc arena: gRPC's threads allocate response buffers that the
+    main thread frees, and with an arena per thread each kept its own high-water mark.
     """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         libc.prctl(PR_SET_NAME, f"kp-{name}".encode()[:15])
-    except OSError:
-        log.debug("prctl unavailable; children rely on the supervisor's pipe closing")
+        libc.mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        log.debug("glibc unavailable; children rely on the supervisor's pipe closing")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings.log_level, name)
