@@ -1,4 +1,5 @@
 import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -70,5 +71,41 @@ def test_child_process_writes_in_place_and_exit_does_not_unlink():
         again = Arena.attach(arena.name)
         assert again.view(region)[999] == 999
         again.close()
+    finally:
+        arena.close()
+
+
+def test_idle_span_is_what_was_handed_out_above_the_live_top():
+    allocator = Allocator(1 << 20)
+    low = allocator.allocate(1000)
+    high = allocator.allocate(200_000)
+    assert allocator.top == 1024 + 200_000
+    assert allocator.take_idle_span(slack=1) is None
+    allocator.free(high)
+    assert allocator.top == 1024
+    assert allocator.take_idle_span(slack=300_000) is None
+    assert allocator.take_idle_span(slack=100_000) == (1024, 1024 + 200_000)
+    assert allocator.take_idle_span(slack=1) is None
+    allocator.free(low)
+    assert allocator.top == 0
+
+
+def backed_bytes(arena: Arena) -> int:
+    """Bytes of the segment the OS holds in memory (tmpfs counts only pages written)."""
+    return os.stat(f"/dev/shm/{arena.name.lstrip('/')}").st_blocks * 512
+
+
+def test_release_returns_pages_to_the_os_and_keeps_live_ones():
+    arena = Arena.create(64 << 20)
+    try:
+        live = Region(0, (1 << 20,), "uint8")
+        idle = Region(1 << 20, (40 << 20,), "uint8")
+        arena.view(live)[:] = 7
+        arena.view(idle)[:] = 9
+        assert backed_bytes(arena) >= 41 << 20
+        arena.release(live.nbytes, live.nbytes + idle.nbytes)
+        assert backed_bytes(arena) <= (1 << 20) + 8192
+        assert (arena.view(live) == 7).all()
+        assert not arena.view(idle).any()
     finally:
         arena.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import mmap
+import os
 import sys
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
@@ -69,10 +71,27 @@ class Allocator:
         self._starts: list[int] = [0]
         self._ends: list[int] = [size]
         self._used: dict[int, int] = {}
+        self._touched = 0
 
     @property
     def used_bytes(self) -> int:
         return sum(self._used.values())
+
+    @property
+    def top(self) -> int:
+        """End of the highest block in use; nothing above it is live."""
+        if self._ends and self._ends[-1] == self.size:
+            return self._starts[-1]
+        return self.size
+
+    def take_idle_span(self, slack: int) -> tuple[int, int] | None:
+        """(start, end) of memory handed out since the last call but now above `top`, once it
+        is at least `slack` bytes; the caller returns those pages to the OS."""
+        top = self.top
+        if self._touched - top < slack:
+            return None
+        span, self._touched = (top, self._touched), top
+        return span
 
     def allocate(self, nbytes: int) -> int | None:
         """Offset of a new block, or None while it does not fit yet."""
@@ -86,6 +105,7 @@ class Allocator:
                 else:
                     self._starts[i] = start + need
                 self._used[start] = need
+                self._touched = max(self._touched, start + need)
                 return start
         return None
 
@@ -114,6 +134,7 @@ class Arena:
         self.owner = owner
         self.name = shm.name
         self.size = shm.size
+        self._pages = _map_again(shm) if owner else None
 
     @classmethod
     def create(cls, nbytes: int) -> Arena:
@@ -130,6 +151,16 @@ class Arena:
         finally:
             resource_tracker.register = register
 
+    def release(self, start: int, end: int) -> None:
+        """Give the pages wholly inside [start, end) back to the OS (owner only); they read as
+        zeros after. Only for memory no process is using: pages of a shared segment stay
+        resident once touched, so without this one large image would pin its memory for the
+        life of the pod."""
+        start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._pages.madvise(mmap.MADV_REMOVE, start, end - start)
+
     def view(self, region: Region) -> np.ndarray:
         """A writable array over the region, without copying."""
         return np.ndarray(region.shape, dtype=region.dtype, buffer=self._shm.buf,
@@ -139,5 +170,16 @@ class Arena:
         """Detach; arrays still viewing the segment keep their mapping until collected."""
         with contextlib.suppress(BufferError):
             self._shm.close()
+        if self._pages is not None:
+            self._pages.close()
         if self.owner:
             self._shm.unlink()
+
+
+def _map_again(shm: SharedMemory) -> mmap.mmap:
+    """A second mapping of the segment, for madvise: SharedMemory does not expose its own."""
+    fd = os.open(f"/dev/shm/{shm.name.lstrip('/')}", os.O_RDWR)
+    try:
+        return mmap.mmap(fd, shm.size)
+    finally:
+        os.close(fd)

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 STAGES = ("fetch", "inference", "post", "publish")
 RESTART_PAUSE = 1.0
 REPORT_EVERY = 10.0
+#: Arena memory idle above the highest live job that is worth giving back to the OS: a burst
+#: of large images leaves this much, steady small jobs do not.
+TRIM_SLACK = 128 << 20
 
 
 @dataclass
@@ -179,6 +182,7 @@ class Supervisor:
             if now >= next_stats:
                 self._inference().send("stats")
                 self.metrics.sample(self)
+                self._trim_arena()
                 next_stats = now + 1.0
             if now >= next_report:
                 self._report()
@@ -191,6 +195,11 @@ class Supervisor:
                     return
             else:
                 self._update_gate()
+
+    def _trim_arena(self) -> None:
+        span = self.allocator.take_idle_span(TRIM_SLACK)
+        if span is not None and self.arena is not None:
+            self.arena.release(*span)
 
     def _report(self) -> None:
         """One line on where the jobs in flight are, for operators reading the log."""
