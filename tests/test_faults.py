@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from kiosk_pipeline.imaging.metrics import f1_at_iou
 from kiosk_pipeline.imaging.synthetic import make_cells
@@ -94,7 +96,8 @@ class TerminalWrites:
     replica with `replicated_from` (its master's port) counts what survives a failover: the
     writes replicated from the master before it, the replica's own scripts after it; a write
     the old master took but never replicated is lost, and not counted. Reconnects after a
-    restart.
+    restart at once: redis-py's own retries would back off for seconds, and writes in that
+    window would go unseen.
     """
 
     def __init__(self, ports: list[int], replicated_from: int | None = None) -> None:
@@ -121,7 +124,7 @@ class TerminalWrites:
     def _watch(self, port: int, attached: threading.Event) -> None:
         while not self._stop.is_set():
             client = redis.Redis(port=port, decode_responses=True, socket_timeout=0.5,
-                                 socket_connect_timeout=0.5)
+                                 socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
             try:
                 with client.monitor() as monitor:
                     attached.set()
