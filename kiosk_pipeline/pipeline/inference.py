@@ -215,7 +215,7 @@ class InferenceLoop:
                     event = None
             if not self.stopping:
                 self._dispatch()
-        self.link.send("stats", self.stats)
+        self._send_stats()
 
     def _send_stats(self) -> None:
         self._account_busy()
