@@ -32,10 +32,11 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kiosk_pipeline.bench.probe import memory_mb, process_tree
 from kiosk_pipeline.imaging.synthetic import make_cells
 from kiosk_pipeline.storage import open_storage
 from kiosk_pipeline.submit import submit_job
-from tests.fixtures.pipeline import ModelServer, Worker
+from tests.fixtures.pipeline import Frontend, ModelServer, Worker
 from tests.fixtures.redis_server import RedisServer
 
 QUEUE = "segmentation"
@@ -44,54 +45,7 @@ SHORT, DEEP = 10, 10_000
 
 def tree_pss_mb(root: int) -> float:
     """Summed PSS of `root` and its descendants, in MiB."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
-
-
-class Frontend:
-    """Writes job hashes and queues them as the Kiosk frontend does, from one uploaded image."""
-
-    def __init__(self, client, fields: dict[str, str], first: str) -> None:
-        self.client = client
-        self.fields = fields
-        self.keys = [first]
-
-    def push(self, count: int) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for _ in range(count):
-            key = f"{QUEUE}:cells.tif:{len(self.keys):08d}"
-            self.keys.append(key)
-            pipe.hset(key, mapping=self.fields)
-            pipe.lpush(QUEUE, key)
-        pipe.execute()
-
-    def hold(self, depth: int, stop: threading.Event) -> None:
-        """Keep `depth` jobs waiting in the queue until told to stop."""
-        while not stop.wait(0.05):
-            self.push(max(0, depth - self.client.llen(QUEUE)))
-
-    def done(self, first: int) -> int:
-        pipe = self.client.pipeline(transaction=False)
-        for key in self.keys[:first]:
-            pipe.hget(key, "status")
-        return sum(status == "done" for status in pipe.execute())
+    return sum(memory_mb(pid) for pid in process_tree(root))
 
 
 def run(name: str, depth: int, jobs: int, held: bool, workdir: Path, server: ModelServer,
@@ -103,7 +57,7 @@ def run(name: str, depth: int, jobs: int, held: bool, workdir: Path, server: Mod
     bucket = workdir / f"bucket-{name}"
     client = redis.client()
     first = submit_job(client, open_storage(f"file://{bucket}"), QUEUE, data, "cells.tif")
-    frontend = Frontend(client, client.hgetall(first), first)
+    frontend = Frontend(client, QUEUE, first)
     frontend.push(depth - 1)
     worker = Worker(redis, server, bucket, workdir / f"worker-{name}.log",
                     LOG_LEVEL="WARNING", FETCH_WORKERS="1", POST_WORKERS="1")

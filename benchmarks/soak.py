@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kiosk_pipeline.bench.environment import Environment, ServerSpec  # noqa: E402
+from kiosk_pipeline.bench.probe import memory_mb, process_tree  # noqa: E402
 from kiosk_pipeline.imaging.synthetic import make_cells  # noqa: E402
 from kiosk_pipeline.storage import open_storage  # noqa: E402
 from kiosk_pipeline.storage.base import Storage  # noqa: E402
@@ -74,25 +75,9 @@ def tiff(seed: int, size: int) -> bytes:
 
 
 def worker_pss_mb(pid: int) -> tuple[float, int]:
-    """Proportional set size of `pid` and its children, MiB, and how many processes."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                pids.append(int(entry.name))
-    total = 0
-    for each in pids:
-        try:
-            for line in Path(f"/proc/{each}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024, len(pids)
+    """Proportional set size of `pid` and its descendants, MiB, and how many processes."""
+    pids = process_tree(pid)
+    return sum(memory_mb(each) for each in pids), len(pids)
 
 
 class Feeder:

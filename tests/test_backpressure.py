@@ -15,7 +15,7 @@ import pytest
 from kiosk_pipeline.imaging.synthetic import make_cells
 from kiosk_pipeline.storage import open_storage
 from kiosk_pipeline.submit import submit_job
-from tests.fixtures.pipeline import ModelServer, Worker
+from tests.fixtures.pipeline import Frontend, ModelServer, Worker
 from tests.test_end_to_end import tiff_bytes
 
 pytestmark = pytest.mark.slow
@@ -32,14 +32,9 @@ def test_deep_queue_claims_bounded_by_answered_batches(redis_server, tmp_path):
     client = redis_server.client()
     storage = open_storage(f"file://{tmp_path}/bucket")
     image, _ = make_cells((512, 512), n_cells=40, seed=3)
-    first = submit_job(client, storage, "segmentation", tiff_bytes(image), "cells.tif")
-    fields = client.hgetall(first)
-    keys = [first] + [f"segmentation:cells.tif:{index:05d}" for index in range(QUEUED - 1)]
-    pipe = client.pipeline(transaction=False)
-    for key in keys[1:]:
-        pipe.hset(key, mapping=fields)
-        pipe.lpush("segmentation", key)
-    pipe.execute()
+    frontend = Frontend(client, "segmentation",
+                        submit_job(client, storage, "segmentation", tiff_bytes(image), "cells.tif"))
+    frontend.push(QUEUED - 1)
 
     worker = Worker(redis_server, server, tmp_path / "bucket", tmp_path / "worker.log",
                     TF_MAX_BATCH_SIZE="64")
@@ -58,7 +53,7 @@ def test_deep_queue_claims_bounded_by_answered_batches(redis_server, tmp_path):
     # Inference holds under (INFLIGHT 2 + 2) x 16 tiles, plus one job; fetch, the post queue,
     # post and publish hold one or two jobs each.
     bound = (4 * 16) // TILES_PER_JOB + 1 + 8
-    statuses = [client.hget(key, "status") for key in keys]
+    statuses = [client.hget(key, "status") for key in frontend.keys]
     assert code == 0
     assert max(claimed) <= bound, f"claimed up to {max(claimed)} jobs at once"
     assert statuses.count("done") >= DONE

@@ -46,6 +46,17 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it, as they are now."""
+    children = _children_map()
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, ()))
+    return found
+
+
 def _cpu_seconds(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
@@ -63,7 +74,7 @@ def _machine_busy() -> float:
     return (sum(ticks) - idle) / CLOCK_TICKS
 
 
-def _memory_mb(pid: int) -> float:
+def memory_mb(pid: int) -> float:
     """Proportional set size (RSS where smaps_rollup is missing), MiB."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
@@ -142,7 +153,7 @@ class Probe:
                 continue
             self._last_cpu[pid] = (kind, seconds)
             if kind not in self.not_worker:
-                memory += _memory_mb(pid)
+                memory += memory_mb(pid)
         cpu: dict[str, float] = {}
         for kind, seconds in self._last_cpu.values():
             cpu[kind] = cpu.get(kind, 0.0) + seconds
