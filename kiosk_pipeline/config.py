@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from kiosk_pipeline.storage.base import Storage
 
 MODEL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+:\d+$")
 DEFAULT_STORAGE_DIR = "/tmp/kiosk-pipeline"
@@ -209,6 +212,15 @@ class Settings(BaseSettings):
         return resolve_bucket_url(self.storage_bucket, self.cloud_provider,
                                   self.gcloud_storage_bucket, self.aws_s3_bucket,
                                   default=f"file://{DEFAULT_STORAGE_DIR}")
+
+    def open_storage(self) -> Storage:
+        """The bucket with every storage setting applied (retries, signing, S3 endpoint)."""
+        from kiosk_pipeline.storage import open_storage
+
+        return open_storage(self.storage_url, max_backoff=self.storage_max_backoff,
+                            signed_url_expiry=self.storage_signed_url_expiry,
+                            public=self.storage_public, region=self.aws_region,
+                            endpoint_url=self.s3_endpoint_url)
 
 
 def env_name(field: str) -> str:

@@ -12,7 +12,6 @@ from kiosk_pipeline.jobs import JobQueue
 from kiosk_pipeline.redis_connection import connect_redis
 from kiosk_pipeline.retry import Backoff
 from kiosk_pipeline.serving import PredictClient
-from kiosk_pipeline.storage import open_storage
 from kiosk_pipeline.storage.base import Storage
 from kiosk_pipeline.workflows.base import (
     JobError,
@@ -46,11 +45,7 @@ class Services:
 
     @cached_property
     def storage(self) -> Storage:
-        s = self.settings
-        return open_storage(s.storage_url, max_backoff=s.storage_max_backoff,
-                            signed_url_expiry=s.storage_signed_url_expiry,
-                            public=s.storage_public, region=s.aws_region,
-                            endpoint_url=s.s3_endpoint_url)
+        return self.settings.open_storage()
 
     @cached_property
     def predict(self) -> PredictClient:

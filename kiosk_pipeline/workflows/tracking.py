@@ -32,7 +32,6 @@ from kiosk_pipeline.imaging.normalize import histogram_normalization
 from kiosk_pipeline.imaging.output import build_zip, encode_label_tiff
 from kiosk_pipeline.imaging.resize import resize_image, resize_labels, scaled_shape
 from kiosk_pipeline.imaging.watershed import deep_watershed
-from kiosk_pipeline.storage import open_storage
 from kiosk_pipeline.storage.base import Storage
 from kiosk_pipeline.tracking.linking import TrackingParams, track_cells
 from kiosk_pipeline.tracking.trk import TrkLimits, load_trk, save_trk
@@ -101,11 +100,7 @@ class TrackingWorkflow(Workflow):
     @cached_property
     def storage(self) -> Storage:
         """For re-reading the raw movie in the post pool (appearance cost, `.trk` output)."""
-        s = self.settings
-        return open_storage(s.storage_url, max_backoff=s.storage_max_backoff,
-                            signed_url_expiry=s.storage_signed_url_expiry,
-                            public=s.storage_public, region=s.aws_region,
-                            endpoint_url=s.s3_endpoint_url)
+        return self.settings.open_storage()
 
     def prepare(self, fields: dict[str, str], image: np.ndarray,
                 describe: ModelDescriber) -> tuple[list[ModelInput], dict[str, str]]:
