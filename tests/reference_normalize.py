@@ -2,20 +2,14 @@
 reference the numba kernels must match (used by the tests and benchmarks/bench_normalize.py)."""
 
 import numpy as np
-from skimage.exposure import equalize_adapthist, rescale_intensity
 
+# The kiosk-kernels bench baseline composes CLAHE exactly as deepcell-toolbox does; one copy.
+from kiosk_pipeline.bench.reference import (
+    histogram_normalization as reference_histogram_normalization,
+)
 
-def reference_histogram_normalization(image, kernel_size=None):
-    image = image.astype("float32")
-    for b in range(image.shape[0]):
-        for c in range(image.shape[-1]):
-            channel = image[b, ..., c]
-            if (channel == channel[0, 0]).all():
-                image[b, ..., c] = 0
-                continue
-            channel = rescale_intensity(channel, out_range=(0.0, 1.0))
-            image[b, ..., c] = equalize_adapthist(channel, kernel_size=kernel_size)
-    return image
+__all__ = ["reference_histogram_normalization", "reference_normalize",
+           "reference_percentile_threshold"]
 
 
 def reference_percentile_threshold(image, percentile=99.9):
