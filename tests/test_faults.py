@@ -42,7 +42,7 @@ from tests.fixtures.pipeline import ModelServer, Worker, stage_pids, wait_for_st
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.storage_emulators import AWS_KEY, AWS_SECRET, FlakyProxy, S3Service
 from tests.test_end_to_end import tiff_bytes
-from tests.test_redis_connection import SentinelProcess, wait_until
+from tests.test_redis_connection import SentinelProcess, replicated_redis, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -389,21 +389,8 @@ def test_redis_killed_and_restarted_mid_run(
 @pytest.fixture
 def replicated(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, SentinelProcess]]:
     """A durable master, its replica, and a Sentinel that fails over within ~2 s."""
-    master = RedisServer(tmp_path / "master", persist=True,
-                         extra_args=("--repl-diskless-sync-delay", "0"))
-    replica = RedisServer(tmp_path / "replica", persist=True)
-    for server in (master, replica):
-        server.workdir.mkdir()
-    master.start()
-    replica.extra_args = ("--replicaof", "127.0.0.1", str(master.port))
-    replica.start()
-    wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up", 10,
-               "the replica to sync")
-    sentinel = SentinelProcess(tmp_path / "sentinel", master.port)
-    yield master, replica, sentinel
-    sentinel.stop()
-    replica.kill()
-    master.kill()
+    with replicated_redis(tmp_path, persist=True) as servers:
+        yield servers
 
 
 def test_sentinel_failover_mid_run(

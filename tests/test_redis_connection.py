@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -59,10 +60,13 @@ class SentinelProcess:
         self.process.wait(10)
 
 
-@pytest.fixture
-def replicated(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, SentinelProcess]]:
-    master = RedisServer(tmp_path / "master", extra_args=("--repl-diskless-sync-delay", "0"))
-    replica = RedisServer(tmp_path / "replica")
+@contextlib.contextmanager
+def replicated_redis(tmp_path: Path, persist: bool = False
+                     ) -> Iterator[tuple[RedisServer, RedisServer, SentinelProcess]]:
+    """A master, its synced replica, and a Sentinel that fails over within ~2 s."""
+    master = RedisServer(tmp_path / "master", persist=persist,
+                         extra_args=("--repl-diskless-sync-delay", "0"))
+    replica = RedisServer(tmp_path / "replica", persist=persist)
     for server in (master, replica):
         server.workdir.mkdir()
     master.start()
@@ -71,10 +75,18 @@ def replicated(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, Senti
     wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up", 10,
                "the replica to sync")
     sentinel = SentinelProcess(tmp_path / "sentinel", master.port)
-    yield master, replica, sentinel
-    sentinel.stop()
-    replica.stop()
-    master.stop()
+    try:
+        yield master, replica, sentinel
+    finally:
+        sentinel.stop()
+        replica.kill()
+        master.kill()
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, SentinelProcess]]:
+    with replicated_redis(tmp_path) as servers:
+        yield servers
 
 
 def test_plain_redis(redis_server: RedisServer) -> None:
